@@ -1,0 +1,27 @@
+"""The shared package of the Agora alignment course: every notebook starts with ``import helpers``.
+
+One module per idea (DESIGN.md section 2): :mod:`helpers.runtime` (presets, seeding, Colab),
+:mod:`helpers.agora` (the course world and its ground truth), :mod:`helpers.zoo` (tokenizer and tiny models,
+hub loading for GPU presets), :mod:`helpers.lm` (log-probs, sampling, generation), :mod:`helpers.plots`,
+:mod:`helpers.checks` (exercise checks), :mod:`helpers.grading` (instructor tools).
+Submodules are imported on first use, so ``import helpers`` stays fast.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_SUBMODULES = {"runtime", "agora", "zoo", "lm", "plots", "checks", "grading", "notebooks"}
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'helpers' has no attribute {name!r}")
+
+
+def setup(preset="auto", seed=0, **kwargs):
+    """Shortcut for :func:`helpers.runtime.setup`."""
+    from .runtime import setup as _setup
+
+    return _setup(preset, seed, **kwargs)
