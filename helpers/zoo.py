@@ -9,9 +9,8 @@
    loss on response tokens only: the starting point for RLHF.
 
 Everything is deterministic from :class:`TinyConfig` (seed included) and cached on disk under
-``$COURSE_CACHE/zoo/<name>-<hash of the config>/``; a build happens once per configuration and machine, in a
-temporary folder renamed into place at the end, under a file lock, so a crash or a second notebook never sees a
-half-written model. On GPU presets ``load`` reads ``preset.model_id`` from the Hugging Face hub; that path is
+``$COURSE_CACHE/zoo/<name>-<hash of the config>/`` by :func:`helpers.cache.build_once`: built once per
+configuration and machine, never seen half-written. On GPU presets ``load`` reads ``preset.model_id`` from the Hugging Face hub; that path is
 tested offline with randomly initialised tiny Llama, Qwen2, GPT-Neo and GPT-2 models saved to disk.
 
 Run ``python -m helpers.zoo build`` to build (or find) the cached models and print their report.
@@ -19,23 +18,17 @@ Run ``python -m helpers.zoo build`` to build (or find) the cached models and pri
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
-import hashlib
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import agora
+from . import agora, cache
 from .runtime import PRESETS, Preset
 
 EOS = "<|endoftext|>"
@@ -91,21 +84,15 @@ class TinyConfig:
     warmup_steps: int = 20
 
     def key(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + f"|format-{FORMAT_VERSION}"
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return cache.config_key(self, FORMAT_VERSION)
 
 
 FORMAT_VERSION = 1
 """Bump when the build code changes what it produces, so old caches are not reused."""
 
 
-def cache_root() -> Path:
-    """``$COURSE_CACHE`` or ``~/.cache/agora-course``."""
-    return Path(os.environ.get("COURSE_CACHE", Path.home() / ".cache" / "agora-course"))
-
-
 def model_dir(config: TinyConfig = TinyConfig()) -> Path:
-    return cache_root() / "zoo" / f"{config.name}-{config.key()}"
+    return cache.artifact_dir("zoo", config.name, config, FORMAT_VERSION)
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
@@ -214,34 +201,12 @@ def heldout_loss(model, tokenizer, records: list[dict], *, response_only: bool =
 
 def build(config: TinyConfig = TinyConfig(), *, force: bool = False, quiet: bool = False) -> Path:
     """Build (or find) the tiny tokenizer and models for ``config``; returns their folder."""
-    final = model_dir(config)
-    if (final / "report.json").exists() and not force:
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(final.parent / f".{final.name}.lock"):
-        if (final / "report.json").exists() and not force:  # another process built it while we waited
-            return final
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.building."))
-        try:
-            report = _build_into(tmp, config, quiet=quiet)
-            (tmp / "report.json").write_text(json.dumps(report, indent=2))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return final
 
+    def builder(tmp: Path) -> None:
+        report = _build_into(tmp, config, quiet=quiet)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
 
-@contextlib.contextmanager
-def _lock(path: Path):
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return cache.build_once("zoo", config.name, config, builder, version=FORMAT_VERSION, force=force)
 
 
 def _build_into(out: Path, c: TinyConfig, *, quiet: bool) -> dict:
