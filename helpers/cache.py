@@ -60,6 +60,8 @@ def build_once(kind: str, name: str, config: Any, builder: Callable[[Path], None
     with _lock(final.parent / f".{final.name}.lock"):
         if (final / DONE).exists() and not force:  # built by another process while we waited
             return final
+        for stale in final.parent.glob(f".{final.name}.building.*"):  # left by a killed build (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.building."))
         try:
             builder(tmp)
