@@ -139,3 +139,53 @@ class FixedKLController:
 
     def update(self, current_kl: float, n_steps: int) -> float:
         return self.value
+
+
+# ------------------------------------------------------------------------------ exact KL, baselines (week 1)
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits to float32 for the softmax; float32 and float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def exact_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """Exact ``KL(pi || pi_ref) = sum_a pi(a) (log pi(a) - log pi_ref(a))`` of each next-token distribution.
+
+    (..., V), (..., V) -> (...). A language model gives the whole distribution at every position, so the KL that
+    :func:`kl_estimators` estimates from one sampled token can also be computed exactly (the reference to judge
+    the estimators against).
+    """
+    logp = torch.log_softmax(_upcast(logits), -1)
+    ref_logp = torch.log_softmax(_upcast(ref_logits), -1)
+    return (logp.exp() * (logp - ref_logp)).sum(-1)
+
+
+def kl_estimator_moments(logits: torch.Tensor, ref_logits: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Exact mean and variance of the per-token estimators k1, k2, k3 when the token is sampled from ``pi``.
+
+    For each position, ``E[k] = sum_a pi(a) k(a)`` and ``Var[k] = sum_a pi(a) k(a)^2 - E[k]^2``, where ``k(a)`` is
+    the estimator evaluated at token ``a`` (:func:`kl_estimators`). (..., V), (..., V) -> {name: (mean, var)}, each
+    (...). ``mean - exact_kl`` is an estimator's bias: 0 for k1 and k3, not for k2.
+    """
+    logp = torch.log_softmax(_upcast(logits), -1)
+    ref_logp = torch.log_softmax(_upcast(ref_logits), -1)
+    probs = logp.exp()
+    out = {}
+    for name, k in kl_estimators(logp, ref_logp).items():  # each (..., V): the estimator at every token
+        mean = (probs * k).sum(-1)
+        var = ((probs * (k - mean[..., None]) ** 2).sum(-1)).clamp(min=0)
+        out[name] = (mean, var)
+    return out
+
+
+def leave_one_out_baseline(scores: torch.Tensor) -> torch.Tensor:
+    """The baseline for each sample: the mean score of the *other* samples of the batch (B,) -> (B,).
+
+    Unlike the batch mean, it does not depend on the sample's own score, so ``E[(R_i - b_i) grad log pi_i]`` stays
+    the policy gradient exactly (Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline for free").
+    """
+    n = scores.shape[0]
+    if n < 2:
+        raise ValueError("a leave-one-out baseline needs at least 2 samples in the batch")
+    return (scores.sum() - scores) / (n - 1)
