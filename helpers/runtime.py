@@ -244,9 +244,20 @@ def setup(preset: str = "auto", seed: int = 0, *, quiet: bool = False) -> Preset
 
         # Small models on two cores: more threads than cores only adds contention.
         torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    _plotly_renderer()
     if not quiet:
         print(f"preset {chosen.name!r} ({why}): {chosen.description}; seed {seed}")
     return chosen
+
+
+def _plotly_renderer() -> None:
+    """Figures live in the notebook both as plotly JSON (JupyterLab) and as HTML with plotly.js embedded, so the
+    HTML copies that ``course-run`` writes show them too, offline. Colab keeps its own renderer."""
+    if in_colab():
+        return
+    import plotly.io as pio
+
+    pio.renderers.default = "plotly_mimetype+notebook"
 
 
 def replace(preset: Preset, **changes) -> Preset:
