@@ -11,7 +11,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = {"runtime", "agora", "zoo", "lm", "plots", "checks", "grading", "notebooks"}
+_SUBMODULES = {"runtime", "agora", "zoo", "lm", "plots", "checks", "grading", "notebooks", "cache", "ppo", "trpo",
+               "social", "scai"}
 
 
 def __getattr__(name):
