@@ -73,6 +73,22 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 # ---------------------------------------------------------------------------------------------- fixtures
 
 
+@pytest.fixture(autouse=True)
+def reproducible_checks(request):
+    """Exercise checks draw their inputs from a seed per test, so a failure reproduces; ``CHECK_SEED_OFFSET=k``
+    shifts every seed, to sweep the checks over other inputs (``for k in 1 2 3; do CHECK_SEED_OFFSET=$k pytest
+    tests/test_checks*.py; done``)."""
+    import random
+    import zlib
+
+    from helpers import checks
+
+    offset = int(os.environ.get("CHECK_SEED_OFFSET", "0"))
+    checks.seed_source = random.Random(zlib.crc32(request.node.nodeid.encode()) + offset)
+    yield
+    checks.seed_source = None
+
+
 def write_notebook(path: Path, cells: list, *, kernel: str = "python3"):
     """Write a notebook of ``cells`` (nbformat cell nodes) with a ``kernel`` kernelspec and stable cell ids."""
     import nbformat

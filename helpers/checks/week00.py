@@ -113,6 +113,13 @@ def check_top_p_filter(fn) -> str:
         kept_got, kept_exp = torch.isfinite(got), torch.isfinite(expected)
         if torch.equal(kept_got, kept_exp) and torch.allclose(got[kept_got], logits[kept_got]):
             continue
+        probs = logits.softmax(-1)
+        sp, order = probs.sort(-1, descending=True)
+        exclusive = (sp.cumsum(-1) > top_p).scatter(-1, order, sp.cumsum(-1) > top_p)
+        if torch.equal(kept_got, ~exclusive):
+            raise CheckError(f"top_p_filter(top_p={top_p}) drops the token that crosses top_p: the nucleus is the "
+                             "smallest set whose mass reaches top_p, so that token belongs in it (compare the "
+                             "mass *before* each token with top_p).")
         if not kept_got.any(-1).all():
             raise CheckError(f"top_p_filter(top_p={top_p}) removes every token of a row: the most likely token "
                              "must always stay (keep a token when the mass *before* it is below top_p).")
@@ -125,13 +132,6 @@ def check_top_p_filter(fn) -> str:
         if torch.equal(torch.isfinite(got), torch.isfinite(sorted_exp)):
             raise CheckError("the result is in sorted order: scatter the mask back to the vocabulary order "
                              "(or index with the sort permutation) before applying it.")
-        probs = logits.softmax(-1)
-        sp, order = probs.sort(-1, descending=True)
-        exclusive = (sp.cumsum(-1) > top_p).scatter(-1, order, sp.cumsum(-1) > top_p)
-        if torch.equal(kept_got, ~exclusive):
-            raise CheckError(f"top_p_filter(top_p={top_p}) drops the token that crosses top_p: the nucleus is the "
-                             "smallest set whose mass reaches top_p, so that token belongs in it (compare the "
-                             "mass *before* each token with top_p).")
         if torch.equal(kept_got, kept_exp):
             raise CheckError("the right tokens are kept, but their logits changed: return the original logits "
                              "inside the nucleus (no renormalising, no temperature).")
