@@ -1,27 +1,14 @@
 """Both directions for the week 1 checks: the references pass; a stub and typical mistakes, written the way a
 student would write them, fail with the mistake named."""
 
-import contextlib
-import io
 
 import pytest
 import torch
 
 from helpers import ppo, trpo
+from check_harness import both_directions, run_quiet
 from helpers.checks import CheckError, week01
 from helpers.lm import masked_mean
-
-
-def run_quiet(check, fn):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        check(fn)
-    assert err.getvalue() == "", "checks must write nothing to stderr"
-    return out.getvalue()
-
-
-def stub(*args, **kwargs):
-    raise NotImplementedError()
 
 
 # ------------------------------------------------------------------------------------------------- GAE
@@ -148,7 +135,7 @@ CASES = [
         (lambda *a: gae_student(*a, mask_running=False), "running advantage is not reset"),
         (lambda *a: gae_student(*a, lam_only=True), "lam alone"),
         (lambda *a: gae_student(*a, forwards=True), "forwards"),
-        (lambda *a: gae_student(*a, returns_adv=True), "advantages \\+ values"),
+        (lambda *a: gae_student(*a, returns_adv=True), "advantages + values"),
         (gae_sign, "sign is flipped"),
         (gae_returns_unmasked, "returns are not zero outside the mask"),
         (lambda *a: gae_student(*a, f32=True), "float64"),
@@ -171,7 +158,7 @@ CASES = [
         (lambda *a: cg_student(*a, steepest=True), "steepest descent"),
         (lambda *a: cg_student(*a, beta_inverted=True), "beta is inverted"),
         (lambda *a: cg_student(*a, double_product=True), "one matrix-vector"),
-        (lambda *a: cg_student(*a, no_tol=True), "0 by 0|nan"),
+        (lambda *a: cg_student(*a, no_tol=True), "nan/inf"),
         (lambda Avp, b, n: b.clone(), "wrong values"),
     ]),
     (week01.check_kl_estimators, ppo.kl_estimators, [
@@ -185,23 +172,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("check,reference", [(c, r) for c, r, _ in CASES], ids=lambda x: getattr(x, "__name__", ""))
-def test_reference_passes(check, reference):
-    out = run_quiet(check, reference)
-    assert out.startswith("PASS") and out.count("\n") == 1
-
-
-@pytest.mark.parametrize("check", [c for c, _, _ in CASES], ids=lambda c: c.__name__)
-def test_stub_fails_with_not_implemented(check):
-    with pytest.raises(CheckError, match="not implemented"):
-        run_quiet(check, stub)
-
-
-@pytest.mark.parametrize("check,wrong,hint", [(c, w, h) for c, _, ms in CASES for w, h in ms],
-                         ids=lambda x: x if isinstance(x, str) else getattr(x, "__name__", ""))
-def test_planted_mistake_is_named(check, wrong, hint):
-    with pytest.raises(CheckError, match=hint):
-        run_quiet(check, wrong)
+test_reference_passes, test_stub_says_not_implemented, test_planted_mistake_is_named = both_directions(CASES)
 
 
 @pytest.mark.parametrize("check,reference", [(c, r) for c, r, _ in CASES], ids=lambda x: getattr(x, "__name__", ""))

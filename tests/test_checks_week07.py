@@ -1,25 +1,12 @@
 """Week 7 checks in both directions: the reference passes; a stub and typical mistakes fail with a diagnosis."""
 
-import contextlib
-import io
 
 import pytest
 import torch
 
 from helpers import scai, social
+from check_harness import both_directions, run_quiet
 from helpers.checks import CheckError, week07
-
-
-def run_quiet(check, fn):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        check(fn)
-    assert err.getvalue() == "", "checks must write nothing to stderr"
-    return out.getvalue()
-
-
-def stub(*args, **kwargs):
-    raise NotImplementedError()
 
 
 # --- neighbour_mask
@@ -132,22 +119,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("check,reference", [(c, r) for c, r, _ in CASES], ids=lambda x: getattr(x, "__name__", ""))
-def test_reference_passes(check, reference):
-    assert "PASS" in run_quiet(check, reference)
-
-
-@pytest.mark.parametrize("check", [c for c, _, _ in CASES], ids=lambda c: c.__name__)
-def test_stub_fails_with_not_implemented(check):
-    with pytest.raises(CheckError, match="not implemented"):
-        run_quiet(check, stub)
-
-
-@pytest.mark.parametrize("check,wrong,hint", [(c, w, h) for c, _, ms in CASES for w, h in ms],
-                         ids=lambda x: x if isinstance(x, str) else getattr(x, "__name__", ""))
-def test_planted_mistake_is_named(check, wrong, hint):
-    with pytest.raises(CheckError, match=hint):
-        run_quiet(check, wrong)
+test_reference_passes, test_stub_says_not_implemented, test_planted_mistake_is_named = both_directions(CASES)
 
 
 def test_reference_passes_repeatedly():
