@@ -4,6 +4,7 @@
 #   make test              the whole test suite: unit tests, exercise drift, every course/ and solutions/ notebook
 #   make exercises         regenerate exercises/ from solutions/ (nbgrader)
 #   make lab               open JupyterLab on the repository
+#   make bench             measure the course's loops against TRL's, the KV cache, memory (build/bench.md)
 #
 # TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu picks PyTorch's CPU-only build on a machine without a GPU.
 
@@ -18,6 +19,7 @@ PRESET ?= auto
 SEED ?= 0
 OUT ?= build
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 # What notebooks see while the tests run: the CPU preset, no hub, the venv's own Jupyter kernel.
 TEST_ENV := COURSE_PRESET=local HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
@@ -26,13 +28,14 @@ TEST_ENV := COURSE_PRESET=local HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATAS
 NOTEBOOK_DIRS := $(wildcard course solutions)
 NBVAL_ARGS := --nbval-lax --nbval-current-env --nbval-cell-timeout=900 --nbval-kernel-startup-timeout=120
 
-.PHONY: help venv models course test exercises lab clean
+.PHONY: help venv models course test exercises lab bench clean
 
 help:
 	@echo "make course [WEEK=0] [PRESET=auto]   run a week's lesson notebook into $(OUT)/weekNN/ (notebook + HTML)"
 	@echo "make test                            the whole test suite, notebooks included (local preset)"
 	@echo "make exercises                       regenerate exercises/ from solutions/"
 	@echo "make lab                             open JupyterLab"
+	@echo "make bench [BENCH_ARGS=--notebooks]  timings and memory ratios into $(OUT)/bench.md (minutes)"
 
 venv:
 	@scripts/setup-venv.sh
@@ -55,6 +58,10 @@ exercises: venv
 
 lab: venv
 	$(VENV)/bin/jupyter lab
+
+# Ratios measured in one run (python -m helpers.bench --help); --notebooks adds seconds per notebook (slow).
+bench: venv
+	$(TEST_ENV) $(PY) -m helpers.bench --out $(OUT)/bench.md $(BENCH_ARGS)
 
 clean:
 	rm -rf $(OUT)
