@@ -12,7 +12,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = {"runtime", "agora", "zoo", "lm", "plots", "checks", "grading", "notebooks", "cache", "ppo", "trpo",
-               "social", "scai"}
+               "rewards", "widgets", "rlhf", "cai", "judges", "socratic", "redteam", "safety", "social", "scai", "bench"}
 
 
 def __getattr__(name):
