@@ -63,3 +63,5 @@ def test_week_estimates_by_hand():
 def test_docs_hold_the_generated_table():
     doc = (REPO / "docs" / "performance.md").read_text()
     assert bench.memory_table() in doc, "docs/performance.md is out of date: python -m helpers.bench memory-table"
+    readme = (REPO / "README.md").read_text()
+    assert bench.memory_table().strip() in readme, "README.md's GPU memory table is out of date: python -m helpers.bench memory-table"
