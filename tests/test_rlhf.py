@@ -157,6 +157,43 @@ def test_policy_starts_as_the_reference_and_only_the_adapter_trains(tiny, prompt
         rlhf.make_policy(policy.model)
 
 
+def test_gradient_checkpointing_recomputes_layers_and_keeps_gradients(tiny, prompts):
+    _, tok = tiny
+    enc = tok(prompts[:4], return_tensors="pt", padding=True)
+    ids, att = enc["input_ids"], enc["attention_mask"]
+
+    def grads_and_calls(policy):
+        with torch.no_grad():  # a non-trivial adapter and value head, the same in both policies
+            for i, (n, p) in enumerate(sorted(policy.named_parameters())):
+                if p.requires_grad:
+                    p.copy_(torch.sin(torch.arange(p.numel(), dtype=p.dtype) + i).reshape(p.shape) * 0.05)
+        layer = next(m for m in policy.model.modules() if type(m).__name__ == "GPT2Block").mlp  # inside the checkpoint
+        calls = []
+        hook = layer.register_forward_pre_hook(lambda *a: calls.append(1))
+        logits, values = policy(ids, att)
+        (logits.log_softmax(-1)[..., 5].mean() + values.pow(2).mean()).backward()
+        hook.remove()
+        return {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}, len(calls)
+
+    plain, plain_calls = grads_and_calls(fresh_policy())
+    policy = rlhf.enable_gradient_checkpointing(fresh_policy())
+    ckpt, ckpt_calls = grads_and_calls(policy)
+    assert plain_calls == 1 and ckpt_calls == 2  # the layer ran again in the backward pass
+    assert plain.keys() == ckpt.keys()
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-7, msg=n)
+    # outside the training forward the layers are back in eval mode: generation keeps its KV cache
+    assert not any(m.training for m in policy.model.modules())
+    # a short PPO run trains the same with and without it
+    config = rlhf.PPOConfig(steps=2, batch_size=8, mini_batch_size=4, max_new_tokens=8)
+    reward = lambda p, r: torch.tensor([float(len(x)) / 10 for x in r])
+    runs = [rlhf.train_ppo(pol, tok, prompts, reward, config, progress=False).history
+            for pol in (fresh_policy(config), rlhf.enable_gradient_checkpointing(fresh_policy(config)))]
+    for a, b in zip(*runs):
+        for k in ("score", "kl", "pg_loss", "vf_loss"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+
+
 def test_save_and_load_policy_round_trip(tmp_path, tiny, prompts):
     _, tok = tiny
     policy = fresh_policy()
