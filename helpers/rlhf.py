@@ -41,6 +41,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -344,7 +345,20 @@ def make_accelerator():
 
     if AcceleratorState._shared_state.get("_mixed_precision", "no") != "no":
         AcceleratorState._reset_state()
+    if deepspeed_on_cpu():
+        from accelerate.utils import InitProcessGroupKwargs
+
+        return Accelerator(mixed_precision="no", kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+
+
+def deepspeed_on_cpu() -> bool:
+    """True under ``accelerate launch`` with a DeepSpeed config on a machine without CUDA.
+
+    Accelerate's ``cpu=True`` would quietly run such a launch as plain DDP, and without it Accelerate finds no
+    distributed backend on a CPU; naming gloo makes DeepSpeed (its CPU accelerator) run across the processes.
+    """
+    return not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
 def _whiten_global(x: torch.Tensor, mask: torch.Tensor, accelerator, shift_mean: bool = True) -> torch.Tensor:
@@ -988,7 +1002,8 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "history.json").write_text(json.dumps(result.history, indent=1))
         trainable = {k: v.detach().cpu() for k, v in result.policy.named_parameters() if v.requires_grad}
         torch.save(trainable, args.out / "trainable.pt")
-        print(f"{accelerator.num_processes} process(es): final score {result.history[-1]['score']:.3f}, "
+        print(f"{accelerator.num_processes} process(es), {accelerator.distributed_type.value}: "
+              f"final score {result.history[-1]['score']:.3f}, "
               f"KL {result.history[-1]['kl']:.3f}")
     accelerator.wait_for_everyone()
     return 0

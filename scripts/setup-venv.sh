@@ -7,7 +7,7 @@
 #
 # Steps: python -m venv; torch (the version pinned in environment.yml) first, from TORCH_INDEX_URL when it is set,
 # so that pip does not pull a multi-GB CUDA build on a machine without a GPU; then the course package in editable
-# mode with its notebook and test extras; then the `python3` Jupyter kernel inside the environment, pointing at
+# mode with its notebook and test extras, and DeepSpeed (built against that torch); then the `python3` Jupyter kernel inside the environment, pointing at
 # the environment's own interpreter (papermill, nbval and JupyterLab all start that kernel).
 #
 # Idempotent and fast when nothing changed: a stamp file in the environment records a hash of pyproject.toml,
@@ -18,6 +18,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
 TORCH_INDEX_URL="${TORCH_INDEX_URL:-}"
+DEEPSPEED_VERSION=0.19.8
 STAMP="$VENV/.course-setup-stamp"
 
 say() { printf 'setup-venv: %s\n' "$*"; }
@@ -56,6 +57,12 @@ fi
 
 say "installing the course package (editable) with its notebook and test extras"
 "${PIP[@]}" install -q -e "$ROOT[notebooks,test]"
+
+# DeepSpeed for configs/accelerate/deepspeed_zero2.yaml (tests/test_scaleout.py runs it on two CPU processes).
+# Its setup.py imports torch, so it builds against the torch installed above (--no-build-isolation); its CPU
+# communication kernel is compiled on first use (a C++ compiler and ninja).
+say "installing deepspeed==$DEEPSPEED_VERSION (the ZeRO-2 scale-out config)"
+"${PIP[@]}" install -q --no-build-isolation "deepspeed==$DEEPSPEED_VERSION"
 
 say "registering the python3 Jupyter kernel inside $VENV"
 "$VENV/bin/python" -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (ipykernel)" >/dev/null

@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),  # TRL's default bf16 autocasts CPUs too
             per_device_train_batch_size=args.batch_size // world, logging_steps=1, report_to="none",
             save_strategy="no", disable_tqdm=True, seed=args.seed,
-            use_cpu=not torch.cuda.is_available(),
+            use_cpu=not torch.cuda.is_available() and not rlhf.deepspeed_on_cpu(),
+            ddp_backend="gloo" if rlhf.deepspeed_on_cpu() else None,  # DeepSpeed's CPU accelerator over gloo
             lr_scheduler_type="constant", warmup_steps=0, dataloader_num_workers=0,
             max_length=model.config.n_positions)
         trainer = trl.DPOTrainer(model=model, args=dpo_args, processing_class=tokenizer, train_dataset=data,
