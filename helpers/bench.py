@@ -362,7 +362,7 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _memory_child(variant: str, model_kind: str, steps: int, batch: int = 8) -> dict:
+def _memory_child(variant: str, model_kind: str, steps: int, batch: int = 8, checkpointing: bool = False) -> dict:
     """Runs in a fresh process: peak resident memory (MiB) added by building the model and training PPO.
 
     Everything is imported and the tokenizer loaded first; then the kernel's high-water mark of resident memory
@@ -384,6 +384,16 @@ def _memory_child(variant: str, model_kind: str, steps: int, batch: int = 8) -> 
     base = _rss_kib("VmRSS")
     if model_kind == "tiny":
         model, _ = zoo.load("local", "sft")
+    elif model_kind == "smollm":  # the t4 preset's architecture (SmolLM2-360M: Llama, 32 layers, 960 wide, GQA)
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        a = PRESETS["t4"].arch
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tok), hidden_size=a.hidden, intermediate_size=2560, num_hidden_layers=a.n_layers,
+            num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, max_position_embeddings=128,
+            tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id)).eval()
     else:  # GPT-2 small's shape (12 layers, 768 wide) on the course's tokenizer, randomly initialised
         torch.manual_seed(0)
         model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=768, n_layer=12, n_head=12,
@@ -391,7 +401,7 @@ def _memory_child(variant: str, model_kind: str, steps: int, batch: int = 8) -> 
                                            pad_token_id=tok.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0,
                                            attn_pdrop=0.0)).eval()
     n_params = sum(p.numel() for p in model.parameters())
-    hidden = model.config.n_embd
+    hidden = model.config.hidden_size
     if variant == "lora":  # the course: reference = the same weights with the adapter off
         policy = rlhf.make_policy(model, config)
     elif variant == "lora+copy":  # LoRA policy, but a separate frozen copy as the reference
@@ -404,19 +414,34 @@ def _memory_child(variant: str, model_kind: str, steps: int, batch: int = 8) -> 
         policy.reference = lambda: contextlib.nullcontext(ref)
     else:
         raise ValueError(variant)
+    if checkpointing:
+        rlhf.enable_gradient_checkpointing(policy)
     built_rss, built_peak = _rss_kib("VmRSS"), _rss_kib("VmHWM")
     rlhf.train_ppo(policy, tok, prompts, reward, config, progress=False)
     peak = _rss_kib("VmHWM")
-    return {"variant": variant, "model": model_kind, "batch": batch, "n_params": n_params,
+    return {"variant": variant, "model": model_kind, "batch": batch, "checkpointing": checkpointing, "n_params": n_params,
             "peak_mib": (peak - base) / 1024,
             "built_mib": (built_rss - base) / 1024, "build_peak_mib": (built_peak - base) / 1024}
 
 
-def peak_memory(variant: str, model_kind: str, *, steps: int = 2, batch: int = 8) -> dict:
-    """Peak MiB that PPO adds (see :func:`_memory_child`), measured in a fresh Python process."""
-    code = (f"import json; from helpers import bench; "
-            f"print('RESULT', json.dumps(bench._memory_child({variant!r}, {model_kind!r}, {steps}, {batch})))")
+LIVE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+"""glibc's malloc serves blocks over this size by ``mmap`` and returns them to the kernel when freed. By default the
+threshold rises (up to 32 MiB) each time such a block is freed, after which tensors come from the heap and their
+memory stays resident once freed; the resident peak then counts freed activations too. With it fixed, the peak
+counts the tensors alive at once, which is what ``torch.cuda.max_memory_allocated`` reports on a GPU."""
+
+
+def peak_memory(variant: str, model_kind: str, *, steps: int = 2, batch: int = 8, checkpointing: bool = False,
+                live: bool = True) -> dict:
+    """Peak MiB that PPO adds (see :func:`_memory_child`), measured in a fresh Python process; ``live`` fixes
+    malloc's mmap threshold (:data:`LIVE_MALLOC`), otherwise glibc's defaults apply."""
+    code = (f"import json; from helpers import bench; print('RESULT', json.dumps("
+            f"bench._memory_child({variant!r}, {model_kind!r}, {steps}, {batch}, {checkpointing!r})))")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    for k in LIVE_MALLOC:
+        env.pop(k, None)
+    if live:
+        env.update(LIVE_MALLOC)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
     if out.returncode:
         raise RuntimeError(f"memory run {variant}/{model_kind} failed:\n{out.stderr[-2000:]}")
@@ -484,76 +509,99 @@ def run(args) -> tuple[str, dict]:
     def note(*msg):
         print(*msg, file=sys.stderr, flush=True)
 
+    def want(section: str) -> bool:
+        return not args.only or section in args.only
+
     # 1. PPO vs GRPO / RLOO
-    setup = StepSetup(reps=args.reps)
-    note("1. PPO vs GRPO vs RLOO steps ...")
-    ppo = ppo_step_seconds(setup)
-    ppo_default = ppo_step_seconds(setup, ppo_epochs=2, mini_batches=2)
-    grpo = trl_step_seconds("grpo", setup)
-    rloo = trl_step_seconds("rloo", setup)
-    raw["step_seconds"] = {"ppo": ppo, "ppo_2x2": ppo_default, "grpo": grpo, "rloo": rloo}
-    m = {k: median(v) for k, v in raw["step_seconds"].items()}
-    shape = (f"{setup.completions} completions ({setup.completions // setup.generations} prompts x "
-             f"{setup.generations}), {setup.max_new_tokens} new tokens")
-    r = m["ppo"] / m["grpo"]
-    rows.append(("PPO step / TRL GRPO step", f"{m['ppo']:.3f} s / {m['grpo']:.3f} s ({shape}; 1 epoch, 1 mini-batch)",
-                 r, "<= 1.0", "ok" if r <= 1.0 else "SLOWER"))
-    rows.append(("PPO step / TRL RLOO step", f"{m['ppo']:.3f} s / {m['rloo']:.3f} s", m["ppo"] / m["rloo"], "-", ""))
-    rows.append(("PPO step, 2 epochs x 2 mini-batches / GRPO step", f"{m['ppo_2x2']:.3f} s / {m['grpo']:.3f} s",
-                 m["ppo_2x2"] / m["grpo"], "-", "four updates per rollout instead of one"))
-    if r > 1.0 or args.profile:
-        note("   profiling the PPO step ...")
-        raw["ppo_phases"] = ppo_phase_seconds(setup)
+    if want("steps"):
+        setup = StepSetup(reps=args.reps)
+        note("1. PPO vs GRPO vs RLOO steps ...")
+        ppo = ppo_step_seconds(setup)
+        ppo_default = ppo_step_seconds(setup, ppo_epochs=2, mini_batches=2)
+        grpo = trl_step_seconds("grpo", setup)
+        rloo = trl_step_seconds("rloo", setup)
+        raw["step_seconds"] = {"ppo": ppo, "ppo_2x2": ppo_default, "grpo": grpo, "rloo": rloo}
+        m = {k: median(v) for k, v in raw["step_seconds"].items()}
+        shape = (f"{setup.completions} completions ({setup.completions // setup.generations} prompts x "
+                 f"{setup.generations}), {setup.max_new_tokens} new tokens")
+        r = m["ppo"] / m["grpo"]
+        rows.append(("PPO step / TRL GRPO step", f"{m['ppo']:.3f} s / {m['grpo']:.3f} s ({shape}; 1 epoch, 1 mini-batch)",
+                     r, "<= 1.0", "ok" if r <= 1.0 else "SLOWER"))
+        rows.append(("PPO step / TRL RLOO step", f"{m['ppo']:.3f} s / {m['rloo']:.3f} s", m["ppo"] / m["rloo"], "-", ""))
+        rows.append(("PPO step, 2 epochs x 2 mini-batches / GRPO step", f"{m['ppo_2x2']:.3f} s / {m['grpo']:.3f} s",
+                     m["ppo_2x2"] / m["grpo"], "-", "four updates per rollout instead of one"))
+        if r > 1.0 or args.profile:
+            note("   profiling the PPO step ...")
+            raw["ppo_phases"] = ppo_phase_seconds(setup)
 
     # 2. reward model
-    note("2. reward-model training ...")
-    course = reward_step_seconds("course", steps=args.reps * 3, warmup=3)
-    trl_rm = reward_step_seconds("trl", steps=args.reps * 3, warmup=3)
-    raw["reward_step_seconds"] = {"course": course, "trl": trl_rm}
-    pc, pt = 32 / median(course), 32 / median(trl_rm)
-    rows.append(("reward model pairs/s: course loop / TRL RewardTrainer", f"{pc:.0f} / {pt:.0f} pairs/s (batch 32)",
-                 pc / pt, "-", ""))
+    if want("reward"):
+        note("2. reward-model training ...")
+        course = reward_step_seconds("course", steps=args.reps * 3, warmup=3)
+        trl_rm = reward_step_seconds("trl", steps=args.reps * 3, warmup=3)
+        raw["reward_step_seconds"] = {"course": course, "trl": trl_rm}
+        pc, pt = 32 / median(course), 32 / median(trl_rm)
+        rows.append(("reward model pairs/s: course loop / TRL RewardTrainer", f"{pc:.0f} / {pt:.0f} pairs/s (batch 32)",
+                     pc / pt, "-", ""))
 
     # 3. generation
-    note("3. generation with and without the KV cache ...")
-    from . import zoo
+    if want("generation"):
+        note("3. generation with and without the KV cache ...")
+        from . import zoo
 
-    model, tok = zoo.load("local", "sft")
-    for n in (24, 96):
-        with_cache = generation_tokens_per_second(use_cache=True, new_tokens=n, reps=args.reps, model=model, tok=tok)
-        without = generation_tokens_per_second(use_cache=False, new_tokens=n, reps=args.reps, model=model, tok=tok)
-        raw[f"generation_{n}"] = {"cache": with_cache, "no_cache": without}
-        a, b = median(with_cache), median(without)
-        rows.append((f"generation tokens/s, KV cache / none ({n} new tokens, batch 16)", f"{a:.0f} / {b:.0f} tokens/s",
-                     a / b, "> 1", "ok" if a > b else "NO GAIN"))
+        model, tok = zoo.load("local", "sft")
+        for n in (24, 96):
+            with_cache = generation_tokens_per_second(use_cache=True, new_tokens=n, reps=args.reps, model=model, tok=tok)
+            without = generation_tokens_per_second(use_cache=False, new_tokens=n, reps=args.reps, model=model, tok=tok)
+            raw[f"generation_{n}"] = {"cache": with_cache, "no_cache": without}
+            a, b = median(with_cache), median(without)
+            rows.append((f"generation tokens/s, KV cache / none ({n} new tokens, batch 16)", f"{a:.0f} / {b:.0f} tokens/s",
+                         a / b, "> 1", "ok" if a > b else "NO GAIN"))
 
     # 4. memory
-    note("4. peak memory of LoRA-PPO vs a separate reference copy (subprocesses) ...")
-    mem, sizes = {}, {}
-    plan = [("tiny", 8, ("lora", "lora+copy", "full+copy")), ("gpt2", 8, ("lora", "lora+copy", "full+copy")),
-            ("gpt2", 2, ("lora", "lora+copy"))]
-    for kind, batch, variants in plan:
-        for variant in variants:
-            runs = [peak_memory(variant, kind, batch=batch) for _ in range(args.mem_reps)]
-            mem[(kind, batch, variant)] = median([x["peak_mib"] for x in runs])
-            sizes[kind] = runs[0]["n_params"]
-            raw.setdefault("memory", []).extend(runs)
-    for kind, batch, variants in plan:
-        label = f"{'tiny model' if kind == 'tiny' else 'GPT-2-small shape, random'}, {sizes[kind] / 1e6:.1f}M params, batch {batch}"
-        a, b = mem[(kind, batch, "lora")], mem[(kind, batch, "lora+copy")]
-        rows.append((f"peak memory LoRA-PPO / LoRA-PPO + reference copy ({label})", f"{a:.0f} / {b:.0f} MiB", a / b,
-                     "<= 0.6", "ok" if a / b <= 0.6 else "ABOVE"))
-        if "full+copy" in variants:
-            c = mem[(kind, batch, "full+copy")]
-            rows.append((f"peak memory LoRA-PPO / full-weight PPO + reference copy ({label})", f"{a:.0f} / {c:.0f} MiB",
-                         a / c, "-", ""))
-    for name in ("t4", "a100", "a100-80"):  # the same ratio by formula, at the GPU presets' sizes
-        a, b = (memory_estimate(PRESETS[name])["total"], memory_estimate(PRESETS[name], ref_copy=True)["total"])
-        rows.append((f"formula (memory_estimate): LoRA-PPO / + reference copy, preset {name}", f"{a:.1f} / {b:.1f} GiB",
-                     a / b, "<= 0.6", "ok" if a / b <= 0.6 else "ABOVE"))
+    # (model, batch, gradient checkpointing, live malloc, variants). The target applies to the t4 preset's
+    # architecture with checkpointing: a model of the size the GPU presets train, set up as they would be.
+    all3 = ("lora", "lora+copy", "full+copy")
+    plan = [("tiny", 8, False, True, all3),
+            ("gpt2", 8, False, True, all3),
+            ("gpt2", 8, False, False, ("lora", "lora+copy")),
+            ("gpt2", 8, True, True, ("lora", "lora+copy")),
+            ("smollm", 8, False, True, ("lora", "lora+copy")),
+            ("smollm", 8, True, True, all3)]
+    names = {"tiny": "tiny model", "gpt2": "GPT-2-small shape, random", "smollm": "t4 preset's shape (SmolLM2-360M, Llama), random"}
+    if want("memory"):
+        note("4. peak memory of LoRA-PPO vs a separate reference copy (subprocesses) ...")
+        mem, sizes = {}, {}
+        for kind, batch, ckpt, live, variants in plan:
+            for variant in variants:
+                runs = [peak_memory(variant, kind, batch=batch, checkpointing=ckpt, live=live)
+                        for _ in range(args.mem_reps)]
+                mem[(kind, batch, ckpt, live, variant)] = median([x["peak_mib"] for x in runs])
+                sizes[kind] = runs[0]["n_params"]
+                raw.setdefault("memory", []).extend({**x, "live_malloc": live} for x in runs)
+        for kind, batch, ckpt, live, variants in plan:
+            label = (f"{names[kind]}, {sizes[kind] / 1e6:.0f}M params, batch {batch}"
+                     f"{', gradient checkpointing' if ckpt else ''}{'' if live else ', default malloc'}")
+            target = kind == "smollm" and ckpt
+            m = {v: mem[(kind, batch, ckpt, live, v)] for v in variants}
+            for other, what in (("lora+copy", "LoRA-PPO + reference copy"), ("full+copy", "full-weight PPO + reference copy")):
+                if other in m:
+                    r = m["lora"] / m[other]
+                    rows.append((f"peak memory LoRA-PPO / {what} ({label})", f"{m['lora']:.0f} / {m[other]:.0f} MiB", r,
+                                 "<= 0.6" if target else "-", ("ok" if r <= 0.6 else "ABOVE") if target else ""))
+    for name in ("t4", "a100", "a100-80"):  # the same ratios by formula, at the GPU presets' sizes
+        for ckpt in (False, True):
+            est = lambda **kw: memory_estimate(PRESETS[name], checkpointing=ckpt, **kw)["total"]
+            a, b, c = est(), est(ref_copy=True), est(lora=False, ref_copy=True)
+            how = f"preset {name}{', gradient checkpointing' if ckpt else ''}"
+            rows.append((f"formula (memory_estimate): LoRA-PPO / + reference copy, {how}", f"{a:.1f} / {b:.1f} GiB",
+                         a / b, "<= 0.6" if ckpt else "-", ("ok" if a / b <= 0.6 else "ABOVE") if ckpt else ""))
+            rows.append((f"formula (memory_estimate): LoRA-PPO / full-weight PPO + reference copy, {how}",
+                         f"{a:.1f} / {c:.1f} GiB", a / c, "<= 0.6" if ckpt else "-",
+                         ("ok" if a / c <= 0.6 else "ABOVE") if ckpt else ""))
 
     # 5. build
-    if not args.skip_build:
+    if not args.skip_build and want("build"):
         note("5. building the tiny models from nothing ...")
         s = build_seconds()
         raw["build_seconds"] = s
@@ -593,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="read seconds per notebook from a saved `make test` output instead of running them")
     parser.add_argument("--skip-build", action="store_true", help="skip timing a from-scratch tiny-model build")
     parser.add_argument("--profile", action="store_true", help="time the PPO step's phases even if it is fast")
+    parser.add_argument("--only", nargs="+", choices=["steps", "reward", "generation", "memory", "build"], default=[],
+                        help="measure only these sections (default: all)")
     parser.add_argument("--out", type=Path, default=Path("build/bench.md"))
     args = parser.parse_args(argv)
     if args.what == "memory-table":

@@ -114,14 +114,16 @@ PRESETS: dict[str, Preset] = {
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def memory_estimate(preset: Preset, *, lora: bool = True, ref_copy: bool = False) -> dict[str, float]:
+def memory_estimate(preset: Preset, *, lora: bool = True, ref_copy: bool = False,
+                    checkpointing: bool = False) -> dict[str, float]:
     """GiB needed to train ``preset`` with PPO, by formula, component by component.
 
     - weights: ``n_params * bytes(dtype)`` (a second copy if ``ref_copy``: a separate reference policy);
     - gradients and Adam state: for the trainable parameters only, in fp32 (4 + 8 bytes each); LoRA trains
       ``2 * r * hidden`` parameters per adapted matrix, four matrices (q, k, v, o) per layer;
     - activations: for one optimisation mini-batch ``b``, ``s * b * h * 34`` bytes per layer in 16-bit (Korthikanti et al. 2022, eq. 2, without the
-      attention-score term that FlashAttention/SDPA avoid), with gradient checkpointing off;
+      attention-score term that FlashAttention/SDPA avoid); with gradient ``checkpointing`` only each layer's
+      input (``s * b * h`` values) is kept, plus one layer's full activations while it is recomputed;
     - KV cache for generating the whole rollout batch ``B``: ``2 * layers * B * s * kv_heads * head_dim * bytes``;
     - logits: ``b * s * vocab * 4`` bytes (fp32 log-softmax over the vocabulary, per mini-batch).
 
@@ -138,7 +140,8 @@ def memory_estimate(preset: Preset, *, lora: bool = True, ref_copy: bool = False
         "weights": a.n_params * nbytes * (2 if ref_copy else 1) / gib,
         "gradients": trainable * 4 / gib,
         "optimizer": trainable * 8 / gib,
-        "activations": a.n_layers * s * b * a.hidden * 34 / gib,
+        "activations": (a.n_layers * s * b * a.hidden * nbytes + s * b * a.hidden * 34 if checkpointing
+                        else a.n_layers * s * b * a.hidden * 34) / gib,
         "kv_cache": 2 * a.n_layers * B * s * a.n_kv_heads * head_dim * nbytes / gib,
         "logits": b * s * a.vocab * 4 / gib,
     }
