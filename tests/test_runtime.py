@@ -62,6 +62,13 @@ def test_memory_formula_hand_worked():
     assert est["optimizer"] == pytest.approx(8e9 / gib)  # Adam: two fp32 moments
     assert est["kv_cache"] == pytest.approx(2 * 10 * 1024 * 1024 * 2 / gib)
     assert runtime.memory_estimate(p, ref_copy=True)["weights"] == pytest.approx(2 * est["weights"])
+    # activations: 34 bytes per token, layer and unit of width; checkpointed, each layer keeps only its bf16 input
+    # (2 bytes) and one layer at a time holds its full 34
+    assert est["activations"] == pytest.approx(10 * 1024 * 1024 * 34 / gib)
+    ckpt = runtime.memory_estimate(p, lora=False, checkpointing=True)
+    assert ckpt["activations"] == pytest.approx((10 * 2 + 34) * 1024 * 1024 / gib)
+    assert {k: v for k, v in ckpt.items() if k not in ("activations", "total")} == \
+        {k: v for k, v in est.items() if k not in ("activations", "total")}
     with pytest.raises(ValueError, match="tiny local models"):
         runtime.memory_estimate(runtime.PRESETS["local"])
 
