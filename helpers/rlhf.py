@@ -57,6 +57,9 @@ from . import lm, ppo
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 """``reward_fn(prompts, responses) -> (B,)`` float tensor: one scalar score per response (higher is better)."""
 
+if not torch.cuda.is_available():  # Accelerate imports DeepSpeed when it is installed; it would warn, on every
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # CPU run, that it found no GPU. Naming the CPU says it is meant.
+
 
 # ---------------------------------------------------------------------------------------------------- config
 
