@@ -194,6 +194,16 @@ def test_gradient_checkpointing_recomputes_layers_and_keeps_gradients(tiny, prom
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
 
 
+def test_deepspeed_on_cpu_only_under_a_deepspeed_launch_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert not rlhf.deepspeed_on_cpu()  # a plain run
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` sets for a DeepSpeed config
+    assert rlhf.deepspeed_on_cpu()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not rlhf.deepspeed_on_cpu()  # GPUs: Accelerate picks NCCL itself
+
+
 def test_save_and_load_policy_round_trip(tmp_path, tiny, prompts):
     _, tok = tiny
     policy = fresh_policy()
