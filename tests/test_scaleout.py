@@ -11,6 +11,7 @@ and their Accelerator joins a gloo process group. Each test checks that two proc
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,7 +25,9 @@ from helpers import zoo
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs" / "accelerate"
 ACCELERATE = Path(sys.executable).parent / "accelerate"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]), "HF_HUB_OFFLINE": "1",
+# The environment's bin first: DeepSpeed compiles its CPU op with the ninja that pip installed there.
+ENV = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+       "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]), "HF_HUB_OFFLINE": "1",
        "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "ACCELERATE_DISABLE_RICH": "1"}
 
 needs_accelerate = pytest.mark.skipif(not ACCELERATE.exists(), reason="the accelerate command is not installed")
@@ -32,6 +35,8 @@ needs_accelerate = pytest.mark.skipif(not ACCELERATE.exists(), reason="the accel
 
 def deepspeed_problem() -> str | None:
     """Why the DeepSpeed config cannot be tested here, or None."""
+    if not any(shutil.which(c) for c in ("c++", "g++")):
+        return "DeepSpeed compiles its CPU communication op and needs a C++ compiler (apt-get install g++)"
     if importlib.util.find_spec("deepspeed") is None:
         return "deepspeed is not installed (pip install deepspeed; it is not a course dependency)"
     try:
