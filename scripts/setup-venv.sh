@@ -61,8 +61,14 @@ say "installing the course package (editable) with its notebook and test extras"
 # DeepSpeed for configs/accelerate/deepspeed_zero2.yaml (tests/test_scaleout.py runs it on two CPU processes).
 # Its setup.py imports torch, so it builds against the torch installed above (--no-build-isolation); its CPU
 # communication kernel is compiled on first use (a C++ compiler and ninja).
+# The course runs without it: outside CI a failed install is a warning, and the DeepSpeed tests then say they skip.
 say "installing deepspeed==$DEEPSPEED_VERSION (the ZeRO-2 scale-out config)"
-"${PIP[@]}" install -q --no-build-isolation "deepspeed==$DEEPSPEED_VERSION"
+if ! "${PIP[@]}" install -q --no-build-isolation "deepspeed==$DEEPSPEED_VERSION"; then
+    case "${CI:-}" in
+        ""|0|false|False) say "warning: deepspeed did not install; the course runs without it, its scale-out tests skip" ;;
+        *) die "deepspeed did not install (CI needs it for tests/test_scaleout.py)" ;;
+    esac
+fi
 
 say "registering the python3 Jupyter kernel inside $VENV"
 "$VENV/bin/python" -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (ipykernel)" >/dev/null
