@@ -5,6 +5,11 @@ runs ``builder(tmp_dir)`` into a temporary folder under a file lock and renames 
 leaves a half-written artifact and two notebooks never build the same thing at once. Later calls, from any
 notebook, return the folder at once. ``config`` is any JSON-serialisable dict or dataclass: change a field and a
 new artifact is built beside the old one.
+
+Each use of an artifact stamps it (the modification time of its ``.complete`` marker), so stale ones can be found
+and removed: ``python -m helpers.cache list`` shows every artifact with its size and last use, and
+``python -m helpers.cache prune --older-than 30`` removes those unused for 30 days (``--dry-run`` only lists them).
+A pruned artifact is rebuilt the next time something asks for it.
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,6 +63,7 @@ def build_once(kind: str, name: str, config: Any, builder: Callable[[Path], None
     """The folder of the artifact for ``config``, running ``builder(tmp_folder)`` first if it is not cached."""
     final = artifact_dir(kind, name, config, version)
     if (final / DONE).exists() and not force:
+        _stamp(final)
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     with _lock(final.parent / f".{final.name}.lock"):
@@ -75,3 +84,98 @@ def build_once(kind: str, name: str, config: Any, builder: Callable[[Path], None
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return final
+
+
+# ------------------------------------------------------------------------------------ listing and pruning
+
+
+def _stamp(folder: Path) -> None:
+    """Record a use of the artifact in ``folder`` (best effort: a read-only cache still serves)."""
+    with contextlib.suppress(OSError):
+        os.utime(folder / DONE)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One cached artifact."""
+
+    kind: str
+    name: str
+    path: Path
+    bytes: int
+    last_used: float
+    """Seconds since the epoch of its last use (or its build)."""
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def entries(root: Path | None = None) -> list[Entry]:
+    """Every complete artifact under ``root`` (default :func:`cache_root`), least recently used first."""
+    root = Path(root) if root is not None else cache_root()
+    found = []
+    for marker in root.glob(f"*/*/{DONE}"):
+        folder = marker.parent
+        if folder.name.startswith("."):
+            continue
+        found.append(Entry(folder.parent.name, folder.name, folder, _size(folder), marker.stat().st_mtime))
+    return sorted(found, key=lambda e: e.last_used)
+
+
+def prune(older_than_days: float, *, root: Path | None = None, dry_run: bool = False) -> list[Entry]:
+    """Remove the artifacts not used for ``older_than_days`` days; returns them. Each removal holds the lock that
+    builds take, so an artifact being built or rebuilt is never half-removed."""
+    if older_than_days < 0:
+        raise ValueError(f"older_than_days must be >= 0, got {older_than_days}")
+    cutoff = time.time() - older_than_days * 86_400
+    removed = []
+    for e in entries(root):
+        if e.last_used >= cutoff:
+            continue
+        if not dry_run:
+            with _lock(e.path.parent / f".{e.path.name}.lock"):
+                marker = e.path / DONE
+                if not marker.exists() or marker.stat().st_mtime >= cutoff:  # used or rebuilt meanwhile
+                    continue
+                marker.unlink()  # first: a half-removed folder is never taken for a complete one
+                shutil.rmtree(e.path)
+        removed.append(e)
+    return removed
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m helpers.cache", description="The course's cached artifacts.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="every artifact with its size and last use, least recently used first")
+    pr = sub.add_parser("prune", help="remove artifacts unused for some days (they are rebuilt when needed)")
+    pr.add_argument("--older-than", type=float, required=True, metavar="DAYS")
+    pr.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    args = parser.parse_args(argv)
+    now = time.time()
+    if args.command == "list":
+        found = entries()
+        print(f"{cache_root()}: {len(found)} artifacts, {_human(sum(e.bytes for e in found))}")
+        for e in found:
+            print(f"  {(now - e.last_used) / 86_400:6.1f} days ago  {_human(e.bytes):>9}  {e.kind}/{e.name}")
+        return 0
+    removed = prune(args.older_than, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(removed)} artifacts unused for {args.older_than:g} days, {_human(sum(e.bytes for e in removed))}")
+    for e in removed:
+        print(f"  {e.kind}/{e.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
