@@ -35,7 +35,7 @@ help:
 	@echo "make test                            the whole test suite, notebooks included (local preset)"
 	@echo "make exercises                       regenerate exercises/ from solutions/"
 	@echo "make lab                             open JupyterLab"
-	@echo "make bench [BENCH_ARGS=--notebooks]  timings and memory ratios into $(OUT)/bench.md (minutes)"
+	@echo "make bench [BENCH_ARGS=\"--only memory\"]  timings and memory ratios into $(OUT)/bench.md (minutes; --only: one section)"
 
 venv:
 	@scripts/setup-venv.sh
