@@ -144,12 +144,13 @@ def prune(older_than_days: float, *, root: Path | None = None, dry_run: bool = F
     return removed
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+def _human(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB", "GB"):
         n /= 1024
-    return f"{n:.1f} GB"
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -143,9 +143,8 @@ class PolicyWithValueHead(nn.Module):
         nn.init.zeros_(self.value_head.weight)  # values start at 0: no bias toward any return
         nn.init.zeros_(self.value_head.bias)
 
-    gradient_checkpointing: bool = False
-    """Recompute each transformer layer in the backward pass instead of keeping its activations (see
-    :func:`enable_gradient_checkpointing`)."""
+    _checkpoint_layers: tuple = ()
+    """The layers recomputed in the backward pass (set by :func:`enable_gradient_checkpointing`); empty: none."""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T) left padding is safe
@@ -162,14 +161,10 @@ class PolicyWithValueHead(nn.Module):
         """Inside: the layers checkpoint, if asked and gradients are on. transformers checkpoints a layer only in
         training mode, so the layers alone switch to it here (their dropouts stay off) and switch back after:
         generation, which runs outside, keeps its KV cache."""
-        if not (self.gradient_checkpointing and torch.is_grad_enabled()):
+        layers = self._checkpoint_layers
+        if not (layers and torch.is_grad_enabled()):
             yield False
             return
-        from transformers.modeling_layers import GradientCheckpointingLayer
-
-        layers = [m for m in self.model.modules() if isinstance(m, GradientCheckpointingLayer)]
-        if not layers:
-            raise ValueError(f"{type(self.model).__name__} has no checkpointable layers; turn gradient checkpointing off")
         before = [m.training for m in layers]
         for m in layers:
             m.training = True
@@ -228,16 +223,18 @@ def enable_gradient_checkpointing(policy: PolicyWithValueHead) -> PolicyWithValu
     """Trade compute for memory in the PPO updates: each layer's activations are recomputed in the backward pass
     (one more forward per update), so a mini-batch keeps one layer's activations at a time instead of all of them.
     Gradients are the same (the model is deterministic: no dropout). Generation and the no-grad passes are untouched."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     base = policy.model.get_base_model() if hasattr(policy.model, "get_base_model") else policy.model
-    if not getattr(base, "supports_gradient_checkpointing", False):
+    layers = tuple(m for m in base.modules() if isinstance(m, GradientCheckpointingLayer))
+    if not getattr(base, "supports_gradient_checkpointing", False) or not layers:
         raise ValueError(f"{type(base).__name__} does not support gradient checkpointing")
     kwargs = {"use_reentrant": False}
     if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x's name
         base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    base.eval()  # enabling may switch modes; the loop keeps the model in eval mode (no dropout)
-    policy.gradient_checkpointing = True
+    policy._checkpoint_layers = layers
     return policy
 
 
