@@ -1,6 +1,6 @@
 """The shared package of the Agora alignment course: every notebook starts with ``import helpers``.
 
-One module per idea (DESIGN.md section 2): :mod:`helpers.runtime` (presets, seeding, Colab),
+One module per idea (docs/architecture.md): :mod:`helpers.runtime` (presets, seeding, Colab),
 :mod:`helpers.agora` (the course world and its ground truth), :mod:`helpers.zoo` (tokenizer and tiny models,
 hub loading for GPU presets), :mod:`helpers.lm` (log-probs, sampling, generation), :mod:`helpers.plots`,
 :mod:`helpers.checks` (exercise checks), :mod:`helpers.grading` (instructor tools).

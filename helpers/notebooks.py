@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BUDGET_S = 120.0
-"""Seconds one notebook may take on the ``local`` preset on a 2-core CPU (DESIGN.md section 6)."""
+"""Seconds one notebook may take on the ``local`` preset on a 2-core CPU."""
 
 FOLDERS = ("course", "solutions", "exercises")
-"""The three notebook folders (DESIGN.md section 2)."""
+"""The three notebook folders: lessons, answers, and the exercises generated from them."""
 
 KERNEL = "python3"
 """The kernelspec every committed notebook names, and the kernel papermill starts."""

@@ -4,7 +4,7 @@ Every notebook starts with the same two cells: a setup cell (on Colab it install
 does nothing) and a ``parameters`` cell holding ``PRESET = "auto"`` and ``SEED``. ``setup(PRESET, SEED)`` then
 resolves the preset, seeds every generator and prints one line saying what it chose and why.
 
-Presets (DESIGN.md section 4):
+Presets (the README's preset table says the same):
 
 ==========  =======  =====================================  ==========================================
 name        device   models                                 chosen by ``auto`` when

@@ -5,7 +5,7 @@
     python tools/generate_exercises.py --check     # regenerate into a scratch folder, list differences, change nothing
 
 (`make exercises` runs the first.) Each week is one nbgrader assignment. nbgrader's `generate_assignment`
-(DESIGN.md section 6) turns every ``### BEGIN SOLUTION`` ... ``### END SOLUTION`` region into
+turns every ``### BEGIN SOLUTION`` ... ``### END SOLUTION`` region into
 ``# YOUR CODE HERE`` / ``raise NotImplementedError()``, drops ``### BEGIN HIDDEN TESTS`` regions, clears
 outputs, locks the graded cells and records checksums; files beside the notebooks (data) are copied as they are.
 

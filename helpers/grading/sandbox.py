@@ -150,7 +150,7 @@ class Sandbox:
             HOME=home,
             TMPDIR=home,
             NBGRADER_EXECUTION="autograde",
-            COURSE_PRESET="local",  # the grading preset (DESIGN.md section 4), whatever the instructor's shell says
+            COURSE_PRESET="local",  # the grading preset, whatever the instructor's shell says
             PYTHONDONTWRITEBYTECODE="1",
             HF_HUB_OFFLINE="1",
             TRANSFORMERS_OFFLINE="1",
