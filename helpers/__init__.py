@@ -1,9 +1,17 @@
 """The shared package of the Agora alignment course: every notebook starts with ``import helpers``.
 
-One module per idea (docs/architecture.md): :mod:`helpers.runtime` (presets, seeding, Colab),
-:mod:`helpers.agora` (the course world and its ground truth), :mod:`helpers.zoo` (tokenizer and tiny models,
-hub loading for GPU presets), :mod:`helpers.lm` (log-probs, sampling, generation), :mod:`helpers.plots`,
-:mod:`helpers.checks` (exercise checks), :mod:`helpers.grading` (instructor tools).
+One module per idea, in layers that import one way (docs/architecture.md):
+
+- world and models: :mod:`~helpers.runtime` (presets, seeding, Colab), :mod:`~helpers.cache` (artifacts built
+  once), :mod:`~helpers.agora` (the course world and its ground truth), :mod:`~helpers.lm` (log-probs, sampling,
+  generation), :mod:`~helpers.zoo` (tiny Agora models, hub loading for GPU presets), :mod:`~helpers.plots`;
+- algorithms: :mod:`~helpers.ppo`, :mod:`~helpers.trpo`, :mod:`~helpers.rewards`, :mod:`~helpers.rlhf`;
+- weeks: :mod:`~helpers.cai`, :mod:`~helpers.judges`, :mod:`~helpers.socratic`, :mod:`~helpers.redteam`,
+  :mod:`~helpers.safety`, :mod:`~helpers.social`, :mod:`~helpers.scai`, :mod:`~helpers.widgets`;
+- :mod:`~helpers.checks` (exercise checks, one module per week);
+- instructor and maintainer tools: :mod:`~helpers.grading` (``course-grade``), :mod:`~helpers.bench`
+  (``make bench``), :mod:`~helpers.notebooks` (``course-run``).
+
 Submodules are imported on first use, so ``import helpers`` stays fast.
 """
 
