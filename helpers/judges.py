@@ -50,6 +50,8 @@ import torch
 import torch.nn.functional as F
 
 from . import agora, cache
+from .dialogue import generate_turn, socratic_pairs
+from .sft import SFTConfig, train_lora_sft
 
 SENTIMENT_LABELS = ("negative", "neutral", "positive")
 """Column order of every sentiment classifier's logits."""
@@ -488,8 +490,6 @@ class LMJudge(Judge):
         return switched()
 
     def reason(self, prompts, responses, criterion):
-        from .socratic import generate_turn
-
         texts = self.prompts_for(prompts, responses, criterion)
         with self._context():
             roll = generate_turn(self.model, self.tokenizer, texts, max_new_tokens=self.max_new_tokens,
@@ -524,7 +524,6 @@ def judge_transcripts(n: int, seed: int = 0, *, criteria: Sequence[str] = ("socr
     replies (what a policy in training writes), so the judge sees the kinds of text it will grade; for each
     criterion the three verdicts (+1, 0, -1) are drawn equally often, where the pool has them.
     """
-    from .socratic import socratic_pairs
 
     rng = random.Random(f"judge-transcripts-{seed}")
     base = [(d["prompt"], d["response"]) for d in agora.dialogues(max(200, n), seed=seed + 100, world_seed=world_seed)]
@@ -588,7 +587,6 @@ class LocalJudgeConfig:
 def build_local_judge(config: LocalJudgeConfig = LocalJudgeConfig(), *, progress: bool = True) -> Path:
     """Train (once; cached) the local judge; returns its folder (``model/``, ``report.json``)."""
     from . import zoo
-    from .socratic import SFTConfig, train_lora_sft
 
     def builder(tmp: Path) -> None:
         model, tokenizer = zoo.load_tiny("base")
@@ -856,7 +854,6 @@ class ChatServer:
 
 def lm_chat_fn(model, tokenizer, *, max_new_tokens: int = 24) -> Callable[[list[dict]], str]:
     """``complete(messages) -> str`` for :class:`ChatServer` from a local causal LM (greedy, one turn)."""
-    from .socratic import generate_turn
 
     def complete(messages: list[dict]) -> str:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
