@@ -2,6 +2,7 @@
 #
 #   make course            run week 0's lesson notebook (WEEK=3 for week 3; PRESET=local|t4|a100|a100-80|auto)
 #   make test              the whole test suite: unit tests, exercise drift, every course/ and solutions/ notebook
+#   make unit              the tests under tests/ only, without executing the notebook folders
 #   make exercises         regenerate exercises/ from solutions/ (nbgrader)
 #   make lab               open JupyterLab on the repository
 #   make bench             measure the course's loops against TRL's, the KV cache, memory (build/bench.md)
@@ -28,11 +29,12 @@ TEST_ENV := COURSE_PRESET=local HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATAS
 NOTEBOOK_DIRS := $(wildcard course solutions)
 NBVAL_ARGS := --nbval-lax --nbval-current-env --nbval-cell-timeout=900 --nbval-kernel-startup-timeout=120
 
-.PHONY: help venv models course test exercises lab bench clean
+.PHONY: help venv models course test unit exercises lab bench clean
 
 help:
 	@echo "make course [WEEK=0] [PRESET=auto]   run a week's lesson notebook into $(OUT)/weekNN/ (notebook + HTML)"
 	@echo "make test                            the whole test suite, notebooks included (local preset)"
+	@echo "make unit                            the tests under tests/ only (no notebook folders executed)"
 	@echo "make exercises                       regenerate exercises/ from solutions/"
 	@echo "make lab                             open JupyterLab"
 	@echo "make bench [BENCH_ARGS=\"--only memory\"]  timings and memory ratios into $(OUT)/bench.md (minutes; --only: one section)"
@@ -52,6 +54,10 @@ test: venv
 	rc=0; $(TEST_ENV) $(PY) -m pytest tests $(NOTEBOOK_DIRS) $(NBVAL_ARGS) $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; that is a failure here" >&2; fi; \
 	exit $$rc
+
+unit: venv
+	$(TEST_ENV) $(PY) -m helpers.zoo build
+	$(TEST_ENV) $(PY) -m pytest tests $(PYTEST_ARGS)
 
 exercises: venv
 	$(PY) tools/generate_exercises.py
